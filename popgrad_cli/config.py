@@ -1,0 +1,260 @@
+"""Typed configuration schema and the value checks run before any work starts.
+
+Every config group has a dataclass registered in Hydra's ConfigStore, so a
+misspelled key or a wrong type fails at composition. The checks in
+`validate_config` cover what types cannot express (ranges, choices, cross-group
+rules) and raise `ConfigError` with the key, the value and what is allowed.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any, List, Optional
+
+from hydra.core.config_store import ConfigStore
+from omegaconf import MISSING
+
+DATASET_NAMES = ("digits", "mnist", "fashion_mnist", "cifar10", "cifar100", "svhn", "stl10")
+MODEL_NAMES = ("mlp", "cnn", "resnet18", "resnet50", "densenet161", "mobilenet_v2", "shufflenet_v2")
+METHOD_NAMES = ("baseline", "pg")
+OPTIMIZER_NAMES = ("sgd", "adam")
+SCHEDULE_NAMES = ("constant", "step", "cosine")
+
+
+class ConfigError(ValueError):
+    """An invalid configuration value, reported before any work starts."""
+
+
+@dataclass
+class DatasetConfig:
+    name: str = MISSING
+    val_fraction: float = 0.1
+    train_size: Optional[int] = None
+    raw_dir: Optional[str] = None
+    mean: List[float] = field(default_factory=lambda: [0.5])
+    std: List[float] = field(default_factory=lambda: [0.5])
+    crop_padding: int = 0
+    horizontal_flip: bool = False
+
+
+@dataclass
+class ModelConfig:
+    name: str = MISSING
+    depth: int = 2
+    width: int = 256
+    activation: str = "relu"
+    batch_norm: bool = False
+    dropout: float = 0.0
+    init: str = "default"
+
+
+@dataclass
+class MethodConfig:
+    name: str = MISSING
+    population_size: int = 1
+    sigma: float = 0.0
+    noise_scale: str = "absolute"
+    antithetic: bool = False
+    include_center: bool = False
+    resample: str = "step"
+    sigma_schedule: str = "constant"
+    sigma_final: float = 0.0
+    batch: str = "shared"
+    engine: str = "vmap"
+    chunk_size: Optional[int] = None
+
+
+@dataclass
+class OptimizerConfig:
+    name: str = MISSING
+    lr: float = 0.01
+    momentum: float = 0.9
+    weight_decay: float = 1e-5
+    nesterov: bool = False
+    betas: List[float] = field(default_factory=lambda: [0.9, 0.999])
+
+
+@dataclass
+class ScheduleConfig:
+    name: str = MISSING
+    step_size: int = 30
+    gamma: float = 0.1
+    min_lr: float = 0.0
+
+
+@dataclass
+class TrainerConfig:
+    epochs: int = 10
+    batch_size: int = 128
+    eval_batch_size: int = 1024
+    select: str = "last"
+    grad_clip: Optional[float] = None
+    precision: str = "32"
+    compile: bool = False
+    checkpoint_every: int = 1
+    progress: bool = True
+
+
+@dataclass
+class DataConfig:
+    root: str = MISSING
+    download: bool = False
+
+
+@dataclass
+class PopgradConfig:
+    dataset: DatasetConfig = MISSING
+    model: ModelConfig = MISSING
+    method: MethodConfig = MISSING
+    optimizer: OptimizerConfig = MISSING
+    schedule: ScheduleConfig = MISSING
+    trainer: TrainerConfig = MISSING
+    data: DataConfig = field(default_factory=DataConfig)
+    seed: int = 0
+    device: str = "auto"
+    resume: bool = False
+    # Free-form metadata that experiment presets attach to their runs.
+    tags: List[str] = field(default_factory=list)
+    experiment: Optional[Any] = None
+
+
+def register_configs() -> None:
+    """Register the schemas so each group's YAML files are validated against them."""
+    store = ConfigStore.instance()
+    store.store(name="popgrad_schema", node=PopgradConfig)
+    for group, node in (
+        ("dataset", DatasetConfig),
+        ("model", ModelConfig),
+        ("method", MethodConfig),
+        ("optimizer", OptimizerConfig),
+        ("schedule", ScheduleConfig),
+        ("trainer", TrainerConfig),
+    ):
+        store.store(group=group, name=f"{group}_schema", node=node)
+
+
+def _require(condition: bool, key: str, value: Any, allowed: str) -> None:
+    if not condition:
+        raise ConfigError(f"invalid value for {key}: {value!r}; expected {allowed}")
+
+
+def _require_choice(key: str, value: Any, choices: tuple) -> None:
+    _require(value in choices, key, value, "one of " + ", ".join(choices))
+
+
+def _is_finite_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def validate_config(cfg: Any) -> None:
+    """Check value ranges and cross-group rules that the typed schema cannot express.
+
+    Raises ConfigError naming the first offending key, its value and what is allowed.
+    """
+    _require_choice("dataset.name", cfg.dataset.name, DATASET_NAMES)
+    _require_choice("model.name", cfg.model.name, MODEL_NAMES)
+    _require_choice("method.name", cfg.method.name, METHOD_NAMES)
+    _require_choice("optimizer.name", cfg.optimizer.name, OPTIMIZER_NAMES)
+    _require_choice("schedule.name", cfg.schedule.name, SCHEDULE_NAMES)
+
+    dataset = cfg.dataset
+    _require(0 <= dataset.val_fraction < 1, "dataset.val_fraction", dataset.val_fraction, "a number in [0, 1)")
+    if dataset.train_size is not None:
+        _require(dataset.train_size >= 1, "dataset.train_size", dataset.train_size, "null or an integer >= 1")
+    _require(dataset.crop_padding >= 0, "dataset.crop_padding", dataset.crop_padding, "an integer >= 0")
+    _require(
+        len(dataset.mean) == len(dataset.std),
+        "dataset.std",
+        list(dataset.std),
+        f"as many values as dataset.mean ({len(dataset.mean)})",
+    )
+    _require(all(s > 0 for s in dataset.std), "dataset.std", list(dataset.std), "values > 0")
+
+    model = cfg.model
+    _require(model.depth >= 1, "model.depth", model.depth, "an integer >= 1")
+    _require(model.width >= 1, "model.width", model.width, "an integer >= 1")
+    _require_choice("model.activation", model.activation, ("relu", "sigmoid", "tanh"))
+    _require_choice("model.init", model.init, ("default", "xavier", "kaiming"))
+    _require(0 <= model.dropout < 1, "model.dropout", model.dropout, "a number in [0, 1)")
+
+    _validate_method(cfg.method, cfg.trainer.batch_size)
+
+    optimizer = cfg.optimizer
+    _require(_is_finite_number(optimizer.lr) and optimizer.lr > 0, "optimizer.lr", optimizer.lr, "a finite number > 0")
+    _require(0 <= optimizer.momentum < 1, "optimizer.momentum", optimizer.momentum, "a number in [0, 1)")
+    _require(optimizer.weight_decay >= 0, "optimizer.weight_decay", optimizer.weight_decay, "a number >= 0")
+    _require(
+        len(optimizer.betas) == 2 and all(0 <= b < 1 for b in optimizer.betas),
+        "optimizer.betas",
+        list(optimizer.betas),
+        "two numbers in [0, 1)",
+    )
+
+    schedule = cfg.schedule
+    _require(schedule.step_size >= 1, "schedule.step_size", schedule.step_size, "an integer >= 1")
+    _require(0 < schedule.gamma <= 1, "schedule.gamma", schedule.gamma, "a number in (0, 1]")
+    _require(schedule.min_lr >= 0, "schedule.min_lr", schedule.min_lr, "a number >= 0")
+
+    trainer = cfg.trainer
+    _require(trainer.epochs >= 1, "trainer.epochs", trainer.epochs, "an integer >= 1")
+    _require(trainer.batch_size >= 1, "trainer.batch_size", trainer.batch_size, "an integer >= 1")
+    _require(trainer.eval_batch_size >= 1, "trainer.eval_batch_size", trainer.eval_batch_size, "an integer >= 1")
+    _require_choice("trainer.select", trainer.select, ("last", "best_val"))
+    _require_choice("trainer.precision", str(trainer.precision), ("32", "bf16"))
+    _require(trainer.checkpoint_every >= 1, "trainer.checkpoint_every", trainer.checkpoint_every, "an integer >= 1")
+    if trainer.grad_clip is not None:
+        _require(
+            _is_finite_number(trainer.grad_clip) and trainer.grad_clip > 0,
+            "trainer.grad_clip",
+            trainer.grad_clip,
+            "null or a finite number > 0",
+        )
+
+    _require(
+        cfg.device in ("auto", "cpu", "cuda") or str(cfg.device).startswith("cuda:"),
+        "device",
+        cfg.device,
+        "auto, cpu, cuda or cuda:N",
+    )
+
+
+def _validate_method(method: Any, batch_size: int) -> None:
+    _require(
+        isinstance(method.population_size, int) and method.population_size >= 1,
+        "method.population_size",
+        method.population_size,
+        "an integer >= 1",
+    )
+    _require(_is_finite_number(method.sigma) and method.sigma >= 0, "method.sigma", method.sigma, "a finite number >= 0")
+    _require(
+        _is_finite_number(method.sigma_final) and method.sigma_final >= 0,
+        "method.sigma_final",
+        method.sigma_final,
+        "a finite number >= 0",
+    )
+    _require_choice("method.noise_scale", method.noise_scale, ("absolute", "layer", "filter"))
+    _require_choice("method.resample", method.resample, ("step", "fixed"))
+    _require_choice("method.sigma_schedule", method.sigma_schedule, ("constant", "linear", "cosine"))
+    _require_choice("method.batch", method.batch, ("shared", "split"))
+    _require_choice("method.engine", method.engine, ("vmap", "loop"))
+    if method.chunk_size is not None:
+        _require(method.chunk_size >= 1, "method.chunk_size", method.chunk_size, "null (all members) or an integer >= 1")
+
+    population = method.population_size
+    if method.antithetic:
+        random_members = population - 1 if method.include_center else population
+        _require(
+            random_members % 2 == 0,
+            "method.population_size",
+            population,
+            "an even number of perturbed members with method.antithetic=true"
+            + (" (population_size - 1 must be even with include_center=true)" if method.include_center else ""),
+        )
+    if method.batch == "split":
+        _require(
+            batch_size >= population,
+            "trainer.batch_size",
+            batch_size,
+            f"at least method.population_size ({population}) with method.batch=split",
+        )
