@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import List, Optional
 
 from popgrad_cli import __version__
-from popgrad_cli.errors import EXIT_DATA_ERROR, EXIT_FAILED
+from popgrad_cli.errors import EXIT_DATA_ERROR, EXIT_FAILED, EXIT_INVALID_CONFIG
 
 log = logging.getLogger("popgrad_cli")
 
@@ -77,10 +77,15 @@ def train(arguments: List[str]) -> int:
     from popgrad_cli.run import run_job
 
     from popgrad_cli import sweeps
+    from popgrad_cli.preflight import check_command
 
     register_configs()
     register_resolvers()
     silence_launcher_schema_warning()
+    problem = check_command(conf_dir(), arguments)
+    if problem is not None:
+        print(f"popgrad train: {problem}", file=sys.stderr)
+        return EXIT_INVALID_CONFIG
     arguments = _continue_previous_sweep(arguments)
     exit_codes: List[int] = []
     sweeps.last_sweep_summary = None

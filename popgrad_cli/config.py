@@ -152,6 +152,7 @@ def validate_config(cfg: Any) -> None:
 
     Raises ConfigError naming the first offending key, its value and what is allowed.
     """
+    _reject_unknown_keys(cfg)
     _require_choice("dataset.name", cfg.dataset.name, DATASET_NAMES)
     _require_choice("model.name", cfg.model.name, MODEL_NAMES)
     _require_choice("method.name", cfg.method.name, METHOD_NAMES)
@@ -217,6 +218,31 @@ def validate_config(cfg: Any) -> None:
         cfg.device,
         "auto, cpu, cuda or cuda:N",
     )
+
+
+def _reject_unknown_keys(cfg: Any) -> None:
+    """Reject keys added with ``+key=value`` that no schema defines, which would be silently ignored."""
+    schemas = {
+        "": PopgradConfig,
+        "dataset.": DatasetConfig,
+        "model.": ModelConfig,
+        "method.": MethodConfig,
+        "optimizer.": OptimizerConfig,
+        "schedule.": ScheduleConfig,
+        "trainer.": TrainerConfig,
+        "data.": DataConfig,
+    }
+    for prefix, schema in schemas.items():
+        node = cfg if not prefix else cfg.get(prefix[:-1])
+        if node is None:
+            continue
+        known = set(schema.__dataclass_fields__)
+        for key in node.keys():
+            if key not in known:
+                scope = f" of {prefix[:-1]}" if prefix else ""
+                raise ConfigError(
+                    f"unknown config key '{prefix}{key}'; valid keys{scope}: " + ", ".join(sorted(known))
+                )
 
 
 def _validate_method(method: Any, batch_size: int) -> None:
