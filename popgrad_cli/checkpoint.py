@@ -85,16 +85,32 @@ def save_checkpoint(run_dir: Path, state: Dict[str, Any]) -> Path:
     return path
 
 
-def load_checkpoint(run_dir: Path, cfg: Any) -> Dict[str, Any]:
-    """Load the run directory's checkpoint and check it was made with the same config."""
-    path = Path(run_dir) / CHECKPOINT_FILE
+def _read(path: Path) -> Dict[str, Any]:
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
+        return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:  # torch raises several types for a damaged file
         raise CheckpointError(
             f"checkpoint {path} is corrupt or unreadable ({type(error).__name__}: {error}); "
             "delete it to start the run from scratch"
         ) from None
+
+
+def check_checkpoint_config(run_dir: Path, cfg: Any) -> None:
+    """Raise CheckpointError if the run directory's checkpoint was made with another config."""
+    path = Path(run_dir) / CHECKPOINT_FILE
+    if path.exists():
+        _check_config(path, _read(path), cfg)
+
+
+def load_checkpoint(run_dir: Path, cfg: Any) -> Dict[str, Any]:
+    """Load the run directory's checkpoint and check it was made with the same config."""
+    path = Path(run_dir) / CHECKPOINT_FILE
+    state = _read(path)
+    _check_config(path, state, cfg)
+    return state
+
+
+def _check_config(path: Path, state: Dict[str, Any], cfg: Any) -> None:
     differences = config_differences(state.get("config", {}), config_for_comparison(cfg))
     if differences:
         raise CheckpointError(
@@ -103,4 +119,3 @@ def load_checkpoint(run_dir: Path, cfg: Any) -> Dict[str, Any]:
             + ". Rerun with the original values or use a new run directory",
             exit_code=EXIT_INVALID_CONFIG,
         )
-    return state

@@ -18,7 +18,7 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import OmegaConf, open_dict
 
-from popgrad_cli import results
+from popgrad_cli import checkpoint, results
 from popgrad_cli.config import ConfigError, validate_config
 from popgrad_cli.data import DataError
 from popgrad_cli.errors import (
@@ -61,6 +61,12 @@ def run_job(cfg: Any) -> int:
 
     previous = results.read_metrics(run_dir)
     if previous is not None and previous.get("status") == "completed":
+        # A finished run is never overwritten, and a rerun with another config is an error.
+        try:
+            checkpoint.check_checkpoint_config(run_dir, cfg)
+        except CheckpointError as error:
+            log.error("%s; run directory %s", error, run_dir)
+            return error.exit_code
         log.info("run %s already completed (test F1 %s); nothing to do", run_dir, previous.get("test_f1"))
         return EXIT_COMPLETED
 
@@ -89,6 +95,10 @@ def run_job(cfg: Any) -> int:
         exit_code = _record(metrics, "failed", f"data error: {error}", EXIT_DATA_ERROR)
     except CheckpointError as error:
         exit_code = _record(metrics, "failed", str(error), error.exit_code)
+        if previous is not None:
+            # The earlier attempt's record stays: this attempt never started training.
+            log.error("%s; run directory %s", error, run_dir)
+            return exit_code
     except Diverged as error:
         exit_code = _record(metrics, "diverged", str(error), EXIT_DIVERGED)
         metrics["divergence"] = {"epoch": error.epoch, "step": error.step, "quantity": error.quantity, "value": error.value}
