@@ -17,7 +17,9 @@ from omegaconf import MISSING
 
 DATASET_NAMES = ("digits", "mnist", "fashion_mnist", "cifar10", "cifar100", "svhn", "stl10")
 MODEL_NAMES = ("mlp", "cnn", "resnet18", "resnet50", "densenet161", "mobilenet_v2", "shufflenet_v2")
-METHOD_NAMES = ("baseline", "pg")
+METHOD_NAMES = ("baseline", "pg", "sam", "swa", "weight_noise", "pg_swa")
+# Methods that average the weights once per epoch (Stochastic Weight Averaging).
+WEIGHT_AVERAGING_METHODS = ("swa", "pg_swa")
 OPTIMIZER_NAMES = ("sgd", "adam")
 SCHEDULE_NAMES = ("constant", "step", "cosine")
 
@@ -63,6 +65,15 @@ class MethodConfig:
     batch: str = "shared"
     engine: str = "vmap"
     chunk_size: Optional[int] = None
+    # Sharpness-Aware Minimization (method=sam).
+    rho: float = 0.05
+    adaptive: bool = False
+    # Stochastic Weight Averaging (method=swa and method=pg_swa). swa_start is an
+    # epoch number >= 1 or a fraction in (0, 1) of trainer.epochs.
+    swa_start: float = 0.75
+    swa_lr: Optional[float] = None
+    swa_anneal_epochs: int = 1
+    swa_anneal_strategy: str = "cos"
 
 
 @dataclass
@@ -179,7 +190,7 @@ def validate_config(cfg: Any) -> None:
     _require_choice("model.init", model.init, ("default", "xavier", "kaiming"))
     _require(0 <= model.dropout < 1, "model.dropout", model.dropout, "a number in [0, 1)")
 
-    _validate_method(cfg.method, cfg.trainer.batch_size)
+    _validate_method(cfg.method, cfg.trainer.batch_size, cfg.trainer.epochs)
 
     optimizer = cfg.optimizer
     _require(_is_finite_number(optimizer.lr) and optimizer.lr > 0, "optimizer.lr", optimizer.lr, "a finite number > 0")
@@ -245,7 +256,7 @@ def _reject_unknown_keys(cfg: Any) -> None:
                 )
 
 
-def _validate_method(method: Any, batch_size: int) -> None:
+def _validate_method(method: Any, batch_size: int, epochs: Optional[int] = None) -> None:
     _require(
         isinstance(method.population_size, int) and method.population_size >= 1,
         "method.population_size",
@@ -283,4 +294,76 @@ def _validate_method(method: Any, batch_size: int) -> None:
             "trainer.batch_size",
             batch_size,
             f"at least method.population_size ({population}) with method.batch=split",
+        )
+    if method.name == "weight_noise":
+        _validate_weight_noise(method)
+    _validate_sam(method)
+    _validate_weight_averaging(method, epochs)
+
+
+def _validate_weight_noise(method: Any) -> None:
+    """Keep weight noise what it is named: exactly one perturbed copy on the whole batch."""
+    _require(
+        method.population_size == 1,
+        "method.population_size",
+        method.population_size,
+        "1 with method=weight_noise (one noisy copy per step); use method=pg for larger populations",
+    )
+    _require(
+        method.batch == "shared",
+        "method.batch",
+        method.batch,
+        "shared with method=weight_noise (the single copy sees the whole batch)",
+    )
+    _require(
+        not method.include_center,
+        "method.include_center",
+        method.include_center,
+        "false with method=weight_noise, where the only member would be the unperturbed network",
+    )
+
+
+def _validate_sam(method: Any) -> None:
+    _require(_is_finite_number(method.rho) and method.rho > 0, "method.rho", method.rho, "a finite number > 0")
+
+
+def resolve_swa_start(swa_start: float, epochs: int) -> int:
+    """Return the first epoch (1-based) of the weight-averaging phase.
+
+    An integer value >= 1 is that epoch. A fraction f in (0, 1) lets floor(f * epochs)
+    epochs run before averaging starts, so the phase starts at floor(f * epochs) + 1.
+    """
+    if swa_start < 1:
+        return math.floor(swa_start * epochs) + 1
+    return int(swa_start)
+
+
+def _validate_weight_averaging(method: Any, epochs: Optional[int]) -> None:
+    start = method.swa_start
+    _require(
+        _is_finite_number(start) and start > 0 and (start < 1 or float(start).is_integer()),
+        "method.swa_start",
+        start,
+        "a fraction in (0, 1) of trainer.epochs or an integer epoch number >= 1",
+    )
+    if method.swa_lr is not None:
+        _require(
+            _is_finite_number(method.swa_lr) and method.swa_lr > 0,
+            "method.swa_lr",
+            method.swa_lr,
+            "null (keep the configured schedule) or a finite number > 0",
+        )
+    _require(
+        method.swa_anneal_epochs >= 1,
+        "method.swa_anneal_epochs",
+        method.swa_anneal_epochs,
+        "an integer >= 1",
+    )
+    _require_choice("method.swa_anneal_strategy", method.swa_anneal_strategy, ("cos", "linear"))
+    if method.name in WEIGHT_AVERAGING_METHODS and epochs is not None:
+        _require(
+            resolve_swa_start(start, epochs) <= epochs,
+            "method.swa_start",
+            start,
+            f"an epoch number <= trainer.epochs ({epochs}), or a fraction in (0, 1)",
         )

@@ -256,7 +256,18 @@ class PopulationGradient:
 
 
 def build_estimator(model: nn.Module, method: Any, total_steps: int, autocast=nullcontext):
-    """Return the gradient estimator that ``method.name`` selects."""
-    if method.name == "baseline":
+    """Return the gradient estimator that ``method.name`` selects.
+
+    swa and pg_swa differ from baseline and pg only by the weight averaging that the
+    trainer adds, and weight_noise is PG with one member (validate_config enforces it).
+    """
+    if method.name in ("baseline", "swa"):
         return PlainGradient(model, autocast)
-    return PopulationGradient(model, method, total_steps, autocast)
+    if method.name in ("pg", "weight_noise", "pg_swa"):
+        return PopulationGradient(model, method, total_steps, autocast)
+    if method.name == "sam":
+        # Imported here because popgrad_cli.methods imports this module.
+        from popgrad_cli.methods import SharpnessAwareGradient
+
+        return SharpnessAwareGradient(model, method, autocast)
+    raise ValueError(f"invalid method.name: {method.name!r}; expected baseline, pg, sam, swa, weight_noise or pg_swa")

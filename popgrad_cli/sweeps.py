@@ -48,7 +48,7 @@ def find_previous_sweep(arguments: List[str], sweeps_root: Path = DEFAULT_SWEEPS
             continue
         if _task_overrides(list(recorded)) == wanted:
             matches.append(record.parent)
-    return max(matches, key=lambda folder: folder.stat().st_mtime) if matches else None
+    return max(matches, key=lambda folder: folder.stat().st_mtime).resolve() if matches else None
 
 
 def job_folders(sweep_dir: Path) -> List[Path]:

@@ -25,6 +25,7 @@ from tqdm import tqdm
 from popgrad_cli import checkpoint
 from popgrad_cli.data import BatchTransform, DataSplits, load_splits
 from popgrad_cli.errors import Diverged, Interrupted
+from popgrad_cli.methods import NormalisedBatches, build_weight_averaging
 from popgrad_cli.metrics import accuracy_and_macro_f1, confusion_matrix
 from popgrad_cli.models import build_model
 from popgrad_cli.population import build_estimator
@@ -181,6 +182,15 @@ class Trainer:
         self.estimator = build_estimator(
             self.model, cfg.method, self.steps_per_epoch * cfg.trainer.epochs, self.autocast
         )
+        # Built before compiling, because the averaged model is a deep copy of the model.
+        self.weight_averaging = build_weight_averaging(
+            self.model,
+            self.optimizer,
+            cfg.method,
+            cfg.trainer.epochs,
+            NormalisedBatches(splits.train_images, self.transform, cfg.trainer.batch_size, self.channels_last),
+            self.autocast,
+        )
         self.progress = Progress()
         self._compile_if_requested()
 
@@ -196,7 +206,7 @@ class Trainer:
 
     def state_dict(self) -> Dict[str, Any]:
         progress = self.progress
-        return {
+        state = {
             "config": checkpoint.config_for_comparison(self.cfg),
             "model": self.model.state_dict(),
             "optimizer": self.optimizer.state_dict(),
@@ -208,12 +218,17 @@ class Trainer:
                 for key in Progress.__dataclass_fields__
             },
         }
+        if self.weight_averaging is not None:
+            state["weight_averaging"] = self.weight_averaging.state_dict()
+        return state
 
     def load_state_dict(self, state: Dict[str, Any]) -> None:
         self.model.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         self.estimator.load_state_dict(state["estimator"])
+        if self.weight_averaging is not None:
+            self.weight_averaging.load_state_dict(state["weight_averaging"])
         self.progress = Progress(**state["progress"])
         if self.progress.permutation is not None:
             self.progress.permutation = self.progress.permutation.to(self.device)
@@ -300,8 +315,11 @@ class Trainer:
     def _end_epoch(self) -> None:
         progress = self.progress
         cfg = self.cfg.trainer
+        eval_model = self.model
+        if self.weight_averaging is not None:
+            eval_model = self.weight_averaging.end_epoch(progress.epoch + 1)
         val_accuracy, val_f1 = evaluate(
-            self.model,
+            eval_model,
             self.splits.val_images,
             self.splits.val_labels,
             self.transform,
@@ -335,8 +353,11 @@ class Trainer:
         if cfg.select == "best_val" and val_f1 > progress.best_val_f1:
             progress.best_val_f1 = val_f1
             progress.best_epoch = progress.epoch
-            progress.best_state = {key: value.detach().cpu().clone() for key, value in self.model.state_dict().items()}
-        self.scheduler.step()
+            progress.best_state = {key: value.detach().cpu().clone() for key, value in eval_model.state_dict().items()}
+        if self.weight_averaging is not None:
+            self.weight_averaging.step_schedule(self.scheduler, next_epoch=progress.epoch + 1)
+        else:
+            self.scheduler.step()
         progress.permutation = None
 
     def _current_sigma(self) -> Optional[float]:
@@ -346,18 +367,22 @@ class Trainer:
     def final_metrics(self) -> Dict[str, Any]:
         """Evaluate the selected model on the validation and test splits."""
         progress = self.progress
+        model = self.model
         if self.cfg.trainer.select == "best_val" and progress.best_state is not None:
+            # With weight averaging, best_state is the state of the model that was evaluated.
             self.model.load_state_dict(progress.best_state)
             best_epoch = progress.best_epoch
         else:
             best_epoch = progress.epoch
+            if self.weight_averaging is not None:
+                model = self.weight_averaging.model_for_evaluation()
         cfg = self.cfg.trainer
         splits = self.splits
         val_accuracy, val_f1 = evaluate(
-            self.model, splits.val_images, splits.val_labels, self.transform, cfg.eval_batch_size, splits.num_classes, self.autocast
+            model, splits.val_images, splits.val_labels, self.transform, cfg.eval_batch_size, splits.num_classes, self.autocast
         )
         test_accuracy, test_f1 = evaluate(
-            self.model, splits.test_images, splits.test_labels, self.transform, cfg.eval_batch_size, splits.num_classes, self.autocast
+            model, splits.test_images, splits.test_labels, self.transform, cfg.eval_batch_size, splits.num_classes, self.autocast
         )
         return {
             "test_accuracy": test_accuracy,
