@@ -109,6 +109,9 @@ def run_job(cfg: Any) -> int:
         exit_code = _record(metrics, "failed", f"{type(error).__name__}: {error}", EXIT_FAILED)
 
     _finish(run_dir, metrics, trainer, started)
+    if multirun and exit_code == EXIT_INTERRUPTED:
+        # Ctrl-C or SIGTERM stops the whole sweep, not only the job that was running.
+        raise SystemExit(exit_code)
     return exit_code
 
 
