@@ -131,16 +131,18 @@ def _continue_previous_sweep(arguments: List[str]) -> List[str]:
 def data_command(arguments: List[str]) -> int:
     from popgrad_cli import data
 
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--root", help="data folder (default: $POPGRAD_DATA, else ~/.cache/popgrad)")
     parser = argparse.ArgumentParser(prog="popgrad data", description="Show and prepare local data sets.")
-    parser.add_argument("--root", help="data folder (default: $POPGRAD_DATA, else ~/.cache/popgrad)")
     commands = parser.add_subparsers(dest="command", required=True)
-    commands.add_parser("list", help="show each data set and whether its files and cache are present")
-    prepare = commands.add_parser("prepare", help="download (if needed) and cache data sets")
+    commands.add_parser("list", parents=[common], help="show each data set and whether its files and cache are present")
+    prepare = commands.add_parser("prepare", parents=[common], help="download (if needed) and cache data sets")
     prepare.add_argument("names", nargs="+", metavar="NAME", help="data set names, e.g. mnist cifar10")
     prepare.add_argument("--no-download", action="store_true", help="only cache files that are already present")
     prepare.add_argument("--raw-dir", help="folder with the four MNIST-format IDX .gz files (mnist, fashion_mnist)")
     args = parser.parse_args(arguments)
     root = Path(args.root) if args.root else data.default_root()
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
 
     if args.command == "list":
         rows = data.list_datasets(root)

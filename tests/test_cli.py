@@ -89,6 +89,25 @@ def test_train_pg_counts_gradient_evaluations(popgrad, tmp_path):
     assert metrics["gradient_evaluations"] == 2 * 4 * train_size
 
 
+def test_data_prepare_then_list(popgrad, tmp_path):
+    root = tmp_path / "prepared"
+    result = popgrad("data", "prepare", "digits", "--root", str(root))
+    assert result.returncode == 0, result.stderr
+    listing = popgrad("data", "list", "--root", str(root))
+    assert listing.returncode == 0, listing.stderr
+    digits_line = next(line for line in listing.stdout.splitlines() if line.startswith("digits"))
+    assert "missing" not in digits_line
+    cifar_line = next(line for line in listing.stdout.splitlines() if line.startswith("cifar10 "))
+    assert "missing" in cifar_line
+
+
+def test_data_prepare_unknown_name(popgrad, tmp_path):
+    result = popgrad("data", "prepare", "imagenet", "--root", str(tmp_path / "data"), "--no-download")
+    assert result.returncode == EXIT_DATA_ERROR
+    assert "imagenet" in result.stderr
+    assert "cifar10" in result.stderr
+
+
 def test_missing_data_set_stops_cleanly(popgrad, tmp_path):
     data_root = tmp_path / "empty-data"
     result = popgrad("train", "dataset=cifar10", f"data.root={data_root}")
