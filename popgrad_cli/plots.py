@@ -7,11 +7,12 @@ that imported this module, and never keeps figures alive in pyplot's registry.
 
 from __future__ import annotations
 
+import functools
 import math
 import textwrap
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Dict, List, Sequence, Tuple
+from typing import Any, Callable, Dict, List, Sequence, Tuple
 
 import matplotlib
 import numpy as np
@@ -56,6 +57,17 @@ class Panel:
 
     title: str
     curves: List[Curve] = field(default_factory=list)
+
+
+def _styled(plot: Callable[..., Any]) -> Callable[..., Any]:
+    """Run ``plot`` inside this module's matplotlib style, leaving the caller's rcParams alone."""
+
+    @functools.wraps(plot)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        with matplotlib.rc_context(STYLE):
+            return plot(*args, **kwargs)
+
+    return wrapper
 
 
 def mean_band(runs: Sequence[Tuple[np.ndarray, np.ndarray]]) -> Tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
@@ -143,16 +155,12 @@ def _draw_panel(axes, panel: Panel, styles: Dict[str, Tuple[str, str]]) -> None:
     axes.grid(True, alpha=0.3)
 
 
+@_styled
 def plot_learning_curves(path: Path, title: str, panels: Sequence[Panel], ylabel: str = "validation macro F1") -> None:
     """Draw one panel per set of settings, each curve a mean over seeds with a ±1 std band; write to ``path``.
 
     Panels are laid out three per row, and one legend below them names the curves.
     """
-    with matplotlib.rc_context(STYLE):
-        _plot_learning_curves(path, title, panels, ylabel)
-
-
-def _plot_learning_curves(path: Path, title: str, panels: Sequence[Panel], ylabel: str) -> None:
     count = len(panels)
     columns = min(PANEL_COLUMNS, count)
     rows = math.ceil(count / columns)
@@ -188,6 +196,7 @@ def _plot_learning_curves(path: Path, title: str, panels: Sequence[Panel], ylabe
     _save(figure, path)
 
 
+@_styled
 def plot_differences(
     path: Path,
     labels: Sequence[str],
@@ -201,19 +210,6 @@ def plot_differences(
 
     Only the first ``MAX_DIFFERENCE_BARS`` comparisons are drawn, and the title then states the count.
     """
-    with matplotlib.rc_context(STYLE):
-        return _plot_differences(path, labels, differences, ci_low, ci_high, n_pairs, metric_label)
-
-
-def _plot_differences(
-    path: Path,
-    labels: Sequence[str],
-    differences: Sequence[float],
-    ci_low: Sequence[float],
-    ci_high: Sequence[float],
-    n_pairs: Sequence[int],
-    metric_label: str,
-) -> int:
     total = len(labels)
     bars_drawn = min(total, MAX_DIFFERENCE_BARS)
     labels = list(labels)[:bars_drawn]
