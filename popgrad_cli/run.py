@@ -1,7 +1,8 @@
 """One training job inside Hydra: run it, map its end state to a status and an exit code.
 
-A job never lets an exception escape, so one failing job in a sweep does not stop
-the others. Every end state is recorded in ``metrics.json``, and ``completed`` is
+A failing job lets no exception escape, so it does not stop the other jobs of a
+sweep. An interrupt (SIGINT, SIGTERM) does stop the sweep, after the job has saved
+its checkpoint. Every end state is recorded in ``metrics.json``, and ``completed`` is
 written only after the test evaluation succeeded.
 """
 

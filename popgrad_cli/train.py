@@ -144,7 +144,7 @@ class SignalGuard:
 
 @dataclass
 class Progress:
-    """Where the run is: the part of the state that is not inside torch objects."""
+    """The run's position and results so far: the state that is not inside torch objects."""
 
     epoch: int = 0  # epochs completed
     step: int = 0  # optimisation steps completed
@@ -312,23 +312,35 @@ class Trainer:
         self.save()
         raise Interrupted(signal_name)
 
+    def _score(self, model: nn.Module, images: torch.Tensor, labels: torch.Tensor) -> tuple[float, float]:
+        cfg = self.cfg.trainer
+        return evaluate(model, images, labels, self.transform, cfg.eval_batch_size, self.splits.num_classes, self.autocast)
+
     def _end_epoch(self) -> None:
         progress = self.progress
-        cfg = self.cfg.trainer
         eval_model = self.model
         if self.weight_averaging is not None:
             eval_model = self.weight_averaging.end_epoch(progress.epoch + 1)
-        val_accuracy, val_f1 = evaluate(
-            eval_model,
-            self.splits.val_images,
-            self.splits.val_labels,
-            self.transform,
-            cfg.eval_batch_size,
-            self.splits.num_classes,
-            self.autocast,
-        )
+        val_accuracy, val_f1 = self._score(eval_model, self.splits.val_images, self.splits.val_labels)
+
         progress.epoch += 1
         progress.train_time_s += progress.epoch_time_s
+        self._record_epoch(val_accuracy, val_f1)
+
+        # Ties keep the earlier epoch, and an empty validation split (NaN F1) never wins.
+        if self.cfg.trainer.select == "best_val" and val_f1 > progress.best_val_f1:
+            progress.best_val_f1 = val_f1
+            progress.best_epoch = progress.epoch
+            progress.best_state = {key: value.detach().cpu().clone() for key, value in eval_model.state_dict().items()}
+
+        if self.weight_averaging is not None:
+            self.weight_averaging.step_schedule(self.scheduler, next_epoch=progress.epoch + 1)
+        else:
+            self.scheduler.step()
+        progress.permutation = None
+
+    def _record_epoch(self, val_accuracy: float, val_f1: float) -> None:
+        progress = self.progress
         row = {
             "epoch": progress.epoch,
             "train_loss": progress.epoch_loss_sum / self.steps_per_epoch,
@@ -342,23 +354,13 @@ class Trainer:
         log.info(
             "epoch %d/%d  train_loss %.4f  val_acc %.4f  val_f1 %.4f  lr %.4g  %.1f s",
             progress.epoch,
-            cfg.epochs,
+            self.cfg.trainer.epochs,
             row["train_loss"],
             val_accuracy,
             val_f1,
             row["lr"],
             progress.epoch_time_s,
         )
-        # Ties keep the earlier epoch, and an empty validation split (NaN F1) never wins.
-        if cfg.select == "best_val" and val_f1 > progress.best_val_f1:
-            progress.best_val_f1 = val_f1
-            progress.best_epoch = progress.epoch
-            progress.best_state = {key: value.detach().cpu().clone() for key, value in eval_model.state_dict().items()}
-        if self.weight_averaging is not None:
-            self.weight_averaging.step_schedule(self.scheduler, next_epoch=progress.epoch + 1)
-        else:
-            self.scheduler.step()
-        progress.permutation = None
 
     def _current_sigma(self) -> Optional[float]:
         sigma_at = getattr(self.estimator, "sigma_at", None)
@@ -376,14 +378,8 @@ class Trainer:
             best_epoch = progress.epoch
             if self.weight_averaging is not None:
                 model = self.weight_averaging.model_for_evaluation()
-        cfg = self.cfg.trainer
-        splits = self.splits
-        val_accuracy, val_f1 = evaluate(
-            model, splits.val_images, splits.val_labels, self.transform, cfg.eval_batch_size, splits.num_classes, self.autocast
-        )
-        test_accuracy, test_f1 = evaluate(
-            model, splits.test_images, splits.test_labels, self.transform, cfg.eval_batch_size, splits.num_classes, self.autocast
-        )
+        val_accuracy, val_f1 = self._score(model, self.splits.val_images, self.splits.val_labels)
+        test_accuracy, test_f1 = self._score(model, self.splits.test_images, self.splits.test_labels)
         return {
             "test_accuracy": test_accuracy,
             "test_f1": test_f1,
