@@ -108,3 +108,31 @@ def test_resume_skips_completed_jobs(popgrad, tmp_path):
     assert status_of(lost) == "completed"
     # Exactly one training ran in the second command.
     assert output.count("device=auto") == 1
+
+
+def test_auto_device_spreads_jobs_over_gpus(monkeypatch):
+    import torch
+
+    from popgrad_cli.train import resolve_device
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 3)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda index: f"fake GPU {index}")
+    assert resolve_device("auto", job_number=4) == torch.device("cuda", 1)
+    assert resolve_device("auto", job_number=None) == torch.device("cuda", 0)
+    assert resolve_device("cuda:2", job_number=4) == torch.device("cuda", 2)
+
+
+def test_parallel_jobs_share_the_cores(monkeypatch):
+    import torch
+    from omegaconf import OmegaConf
+
+    from popgrad_cli import run
+
+    monkeypatch.setattr(run.os, "cpu_count", lambda: 16)
+    threads = []
+    monkeypatch.setattr(torch, "set_num_threads", threads.append)
+    run._limit_threads_for_parallel_jobs(OmegaConf.create({"launcher": {"n_jobs": 4}}))
+    run._limit_threads_for_parallel_jobs(OmegaConf.create({"launcher": {"n_jobs": -1}}))
+    run._limit_threads_for_parallel_jobs(OmegaConf.create({"launcher": {}}))
+    assert threads == [4, 1]
