@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import List, Optional
 
 from popgrad_cli import __version__
-from popgrad_cli.errors import EXIT_DATA_ERROR, EXIT_FAILED, EXIT_INVALID_CONFIG
+from popgrad_cli.errors import EXIT_DATA_ERROR, EXIT_FAILED, EXIT_INTERRUPTED, EXIT_INVALID_CONFIG
 
 log = logging.getLogger("popgrad_cli")
 
@@ -26,6 +26,7 @@ commands:
   data list               show each data set and whether its files and cache are present
   data prepare NAME...    download and cache data sets before training
   collect PATH...         write result tables and plots for the runs below PATH
+  reproduce [options]     run the sweeps of Sakai et al. and write a report; --dry-run lists them
 
 Examples:
   popgrad train
@@ -173,13 +174,22 @@ def main(argv: Optional[List[str]] = None) -> int:
 
     command, rest = arguments[0], arguments[1:]
     if command == "train":
-        return train(rest)
+        try:
+            return train(rest)
+        except KeyboardInterrupt:
+            # Ctrl-C during start-up, before the run installed its own handler.
+            print("popgrad train: interrupted before training started; nothing was saved", file=sys.stderr)
+            return EXIT_INTERRUPTED
     if command == "data":
         return data_command(rest)
     if command == "collect":
         from popgrad_cli.collect import main as collect_main
 
         return collect_main(rest)
+    if command == "reproduce":
+        from popgrad_cli.reproduce import main as reproduce_main
+
+        return reproduce_main(rest)
     print(f"popgrad: unknown command {command!r}\n\n{USAGE}", file=sys.stderr)
     return 2
 

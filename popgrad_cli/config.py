@@ -142,7 +142,9 @@ def register_configs() -> None:
         ("schedule", ScheduleConfig),
         ("trainer", TrainerConfig),
     ):
-        store.store(group=group, name=f"{group}_schema", node=node)
+        # Under schema/, not the group itself, so that `popgrad train --help` does not
+        # list the schemas as options of the group.
+        store.store(group="schema", name=group, node=node)
 
 
 def _require(condition: bool, key: str, value: Any, allowed: str) -> None:
@@ -224,11 +226,33 @@ def validate_config(cfg: Any) -> None:
         )
 
     _require(
+        isinstance(cfg.seed, int) and 0 <= cfg.seed < 2**32, "seed", cfg.seed, "an integer in [0, 2**32 - 1]"
+    )
+    _require(
         cfg.device in ("auto", "cpu", "cuda") or str(cfg.device).startswith("cuda:"),
         "device",
         cfg.device,
         "auto, cpu, cuda or cuda:N",
     )
+
+
+# method keys that only the population-based methods read.
+POPULATION_KEYS = (
+    "population_size", "sigma", "noise_scale", "antithetic", "include_center", "resample",
+    "sigma_schedule", "sigma_final", "batch", "engine", "chunk_size",
+)
+
+
+def unused_method_keys(method: Any) -> List[str]:
+    """Return the method.* keys set away from their defaults that ``method.name`` ignores.
+
+    A sweep such as ``method=baseline,pg method.population_size=4`` sets them on the
+    baseline too, so they are reported, not rejected.
+    """
+    if method.name in ("pg", "weight_noise", "pg_swa"):
+        return []
+    defaults = MethodConfig()
+    return [f"method.{key}={method[key]}" for key in POPULATION_KEYS if method[key] != getattr(defaults, key)]
 
 
 def _reject_unknown_keys(cfg: Any) -> None:

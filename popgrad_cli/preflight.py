@@ -21,6 +21,7 @@ from omegaconf.errors import OmegaConfBaseException
 
 from popgrad_cli.config import ConfigError, validate_config
 
+GROUPS = ("dataset", "model", "method", "optimizer", "schedule", "trainer", "data")
 # Hydra flags after which no job runs (help, printing the config, completion).
 INFORMATION_FLAGS = ("-h", "--help", "--hydra-help", "-c", "--cfg", "--info", "--shell-completion", "-sc", "-i")
 # Flags that take the next argument as their value.
@@ -79,16 +80,18 @@ def describe_composition_error(config_dir: Path, error: Exception) -> str:
     if unknown_key:
         key = unknown_key.group(1)
         group = key.split(".")[0]
-        valid = _group_keys(config_dir, group) if "." in key else []
-        listing = f"; valid keys of {group}: {', '.join(valid)}" if valid else ""
-        return f"unknown config key {key!r}{listing}"
+        if "." in key:
+            valid = _group_keys(config_dir, group)
+            listing = f"; valid keys of {group}: {', '.join(valid)}" if valid else ""
+            return f"unknown config key {key!r}{listing}"
+        owners = [name for name in GROUPS if key in _group_keys(config_dir, name)]
+        hint = f"; did you mean {' or '.join(f'{owner}.{key}' for owner in owners)}?" if owners else ""
+        return f"unknown config key {key!r}{hint}"
 
     missing_option = re.search(r"Could not find '(\w+)/(\w+)'", text)
     if missing_option:
         group, option = missing_option.groups()
-        available = sorted(
-            path.stem for path in (config_dir / group).glob("*.yaml") if not path.stem.endswith("_schema")
-        )
+        available = sorted(path.stem for path in (config_dir / group).glob("*.yaml"))
         return f"unknown {group} {option!r}; available: {', '.join(available)}"
 
     # Hydra's merge errors keep the reason (a wrong type, say) in the cause.

@@ -20,7 +20,7 @@ from hydra.types import RunMode
 from omegaconf import OmegaConf, open_dict
 
 from popgrad_cli import checkpoint, results
-from popgrad_cli.config import ConfigError, validate_config
+from popgrad_cli.config import ConfigError, unused_method_keys, validate_config
 from popgrad_cli.data import DataError
 from popgrad_cli.errors import (
     EXIT_COMPLETED,
@@ -68,7 +68,7 @@ def run_job(cfg: Any) -> int:
         except CheckpointError as error:
             log.error("%s; run directory %s", error, run_dir)
             return error.exit_code
-        log.info("run %s already completed (test F1 %s); nothing to do", run_dir, previous.get("test_f1"))
+        log.info("run %s already completed (test F1 %.4f); nothing to do", run_dir, previous.get("test_f1") or float("nan"))
         return EXIT_COMPLETED
 
     metrics = results.new_metrics(cfg, hydra_cfg.overrides.task)
@@ -80,6 +80,9 @@ def run_job(cfg: Any) -> int:
             cfg.trainer.progress = _show_progress_bar(cfg, multirun)
         from popgrad_cli.train import SignalGuard, prepare_trainer
 
+        ignored = unused_method_keys(cfg.method)
+        if ignored:
+            log.warning("method=%s ignores %s; they apply to method=pg and its variants", cfg.method.name, ", ".join(ignored))
         if multirun:
             _limit_threads_for_parallel_jobs(hydra_cfg)
         log.info("run %s: %s / %s / %s, seed %d", run_dir, cfg.dataset.name, cfg.model.name, cfg.method.name, cfg.seed)

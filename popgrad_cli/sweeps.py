@@ -97,7 +97,10 @@ class SweepCallback(Callback):
         sweep_dir = Path(config.hydra.sweep.dir)
         summary = summarise(sweep_dir, self.started)
         last_sweep_summary = summary
-        counts = ", ".join(f"{len(folders)} {status}" for status, folders in summary.items())
+        counts = ", ".join(
+            f"{len(folders)} {'skipped (completed earlier)' if status == 'skipped' else status}"
+            for status, folders in summary.items()
+        )
         log.info("sweep %s finished: %s", sweep_dir, counts)
         if summary["skipped"]:
             log.info("skipped %d jobs that had completed in an earlier run of this sweep", len(summary["skipped"]))

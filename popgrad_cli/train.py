@@ -297,7 +297,10 @@ class Trainer:
 
     def _check_finite(self, pending: List[torch.Tensor], first_step: int) -> None:
         values = torch.stack(pending).cpu()
-        self.progress.epoch_loss_sum += float(values[:, 0].sum())
+        # One addition per step, in step order, so the sum does not depend on where
+        # the synchronisation points fell (they move when a run is resumed).
+        for loss in values[:, 0].tolist():
+            self.progress.epoch_loss_sum += loss
         bad = (~torch.isfinite(values)).nonzero()
         if len(bad):
             row, column = bad[0].tolist()

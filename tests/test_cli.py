@@ -153,6 +153,8 @@ BAD_INPUTS = [
     (["device=cuda"], "no CUDA device"),
     (["trainer.select=best"], "trainer.select"),
     (["model.activation=gelu"], "model.activation"),
+    (["seed=-1"], "seed"),
+    (["lr=0.1"], "did you mean optimizer.lr?"),
 ]
 
 

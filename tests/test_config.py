@@ -5,7 +5,7 @@ from pathlib import Path
 import pytest
 
 from popgrad_cli.cli import conf_dir
-from popgrad_cli.config import ConfigError, validate_config
+from popgrad_cli.config import ConfigError, unused_method_keys, validate_config
 
 GROUPS = ("dataset", "model", "method", "optimizer", "schedule", "trainer")
 
@@ -70,3 +70,9 @@ def test_invalid_values_name_the_key(compose_config, override, key):
     cfg = compose_config(*override.split())
     with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
         validate_config(cfg)
+
+
+def test_population_keys_on_baseline_are_reported(compose_config):
+    cfg = compose_config("method.population_size=4", "method.sigma=0.1")
+    assert unused_method_keys(cfg.method) == ["method.population_size=4", "method.sigma=0.1"]
+    assert unused_method_keys(compose_config("method=pg", "method.population_size=4").method) == []

@@ -577,7 +577,7 @@ def test_yaml_composes_against_the_schema(name):
 def test_every_yaml_key_has_a_comment(name):
     text = (CONF_DIR / f"{name}.yaml").read_text()
     raw = yaml.safe_load(text)
-    assert raw["defaults"] == ["dataset_schema", "_self_"]
+    assert raw["defaults"] == ["/schema/dataset@_here_", "_self_"]
     assert set(raw) - {"defaults"} == set(DatasetConfig.__dataclass_fields__)
     for line in text.splitlines():
         if line.strip() and not line.lstrip().startswith("#") and line.strip() != "defaults:":
