@@ -12,8 +12,9 @@ from popgrad_cli.population import PopulationGradient
 from popgrad_cli.train import SignalGuard, evaluate, prepare_trainer
 
 ARCHITECTURES = ["mlp", "cnn", "resnet18", "resnet50", "densenet161", "mobilenet_v2", "shufflenet_v2"]
-# Depthwise convolutions in float64 are slow on the CPU, so mobilenet_v2 is here too.
-HEAVY = {"resnet50", "densenet161", "mobilenet_v2"}
+# Depthwise convolutions in float64 are slow on the CPU, so mobilenet_v2 and
+# shufflenet_v2 are here too.
+HEAVY = {"resnet50", "densenet161", "mobilenet_v2", "shufflenet_v2"}
 
 
 def engine_gradient(name, engine, batch):
