@@ -12,9 +12,10 @@ engines, shared and split batches, at P in {1, 2, 4, 8, 16}. The second table sw
 method.chunk_size in {1, 2, 4, 8, 16} for vmap with shared batches at P = 16. The script
 ends with a verdict on each speed and memory target, measured on these tables.
 
-A default run on a CPU keeps to about ten minutes on two slow cores: cnn runs at
-P in {1, 8} only and the chunk sweep covers mlp only. ``--full`` runs every P for every
-model and adds cnn at 1x28x28 to the sweep.
+On a CPU a default run runs cnn at P in {1, 8} only and sweeps the chunk size for mlp
+only; it took 4.4 minutes on the 2-core machine that docs/benchmarks.md records.
+``--full`` runs every P for every model and adds cnn at 1x28x28 to the sweep; it took
+13 minutes there.
 
     python scripts/bench_pg.py                       # the GPU when one is present, else the CPU
     python scripts/bench_pg.py --device cuda --out bench_pg_cuda.csv
@@ -200,8 +201,8 @@ def make_plan(device: torch.device, quick: bool, full: bool) -> Plan:
         return Plan({model: POPULATION_SIZES for model in models}, models, CHUNK_SIZES)
     if full:
         return Plan({model: POPULATION_SIZES for model in (MLP, CNN_28, CNN_32)}, [MLP, CNN_28], CHUNK_SIZES)
-    # One cnn step at batch 128 takes about 0.2 s on one core of the 2-core machine that
-    # docs/benchmarks.md records, so all five P values would take most of an hour there.
+    # A cnn step at batch 128 takes 0.1 s on the 2-core machine in docs/benchmarks.md, so
+    # every P for both cnn inputs triples the run time there (4.4 to 13 minutes).
     cnn_populations = CPU_CNN_POPULATION_SIZES
     return Plan({MLP: POPULATION_SIZES, CNN_28: cnn_populations, CNN_32: cnn_populations}, [MLP], CHUNK_SIZES)
 
@@ -311,6 +312,8 @@ class Row:
         """Return the peak bytes of one more step above the bytes live at its start."""
         if self.device.type != "cuda":
             return cpu_step_peak_bytes(self.step)
+        # NOTE: the CUDA paths of this script (timing, memory, channels_last) have not
+        # run on a GPU yet; only the CPU paths are checked against docs/benchmarks.md.
         synchronize(self.device)
         torch.cuda.reset_peak_memory_stats(self.device)
         live = torch.cuda.memory_allocated(self.device)

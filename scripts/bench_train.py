@@ -99,6 +99,7 @@ class Timing:
 
 
 def synchronize(device: torch.device) -> None:
+    # NOTE: this script has run on CPUs only so far; its CUDA path is untested.
     if device.type == "cuda":
         torch.cuda.synchronize(device)
 
