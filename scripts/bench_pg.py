@@ -29,7 +29,6 @@ import argparse
 import csv
 import gc
 import itertools
-import os
 import statistics
 import sys
 import time
@@ -38,13 +37,12 @@ from pathlib import Path
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
-from hydra import compose, initialize_config_dir
 from torch.profiler import ProfilerActivity, profile
 
-from popgrad_cli.cli import conf_dir, register_resolvers, silence_launcher_schema_warning
-from popgrad_cli.config import register_configs, validate_config
 from popgrad_cli.models import build_model
 from popgrad_cli.population import build_estimator
+
+from bench_common import compose_config, load_average, prepare_hydra, resolve_device, synchronize
 
 BATCH_SIZE = 128
 NUM_CLASSES = 10
@@ -176,13 +174,6 @@ class Verdict:
 # ---------------------------------------------------------------------------
 
 
-def compose_config(overrides: Sequence[str]):
-    """Compose conf/config.yaml with `overrides`, as `popgrad train` would, and validate it."""
-    with initialize_config_dir(config_dir=str(conf_dir()), version_base="1.3"):
-        cfg = compose(config_name="config", overrides=list(overrides))
-    validate_config(cfg)
-    return cfg
-
 
 @dataclass
 class Plan:
@@ -233,10 +224,6 @@ def sweep_cases(plan: Plan) -> List[Case]:
 # Measuring one row
 # ---------------------------------------------------------------------------
 
-
-def synchronize(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def cpu_step_peak_bytes(step: Callable[[], None]) -> Optional[int]:
@@ -611,16 +598,6 @@ def write_csv(path: Path, rows: List[Result]) -> None:
 # ---------------------------------------------------------------------------
 
 
-def load_average() -> str:
-    return " ".join(f"{value:.2f}" for value in os.getloadavg())
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name == "cuda" and not torch.cuda.is_available():
-        raise SystemExit("--device cuda: no CUDA device is available; use --device cpu or --device auto")
-    return torch.device(name)
 
 
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
@@ -666,9 +643,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         # make small steps many times slower (an mlp step took 13 ms on one thread and
         # 140 ms on two, on 2 busy cores). One thread keeps a smoke test short.
         torch.set_num_threads(1)
-    register_configs()
-    register_resolvers()
-    silence_launcher_schema_warning()
+    prepare_hydra()
 
     plan = make_plan(device, args.quick, args.full)
     main_rows = main_cases(plan)

@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import argparse
 import csv
-import os
 import statistics
 import sys
 import tempfile
@@ -35,13 +34,12 @@ from typing import Dict, List, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
-from hydra import compose, initialize_config_dir
 
-from popgrad_cli.cli import conf_dir, register_resolvers, silence_launcher_schema_warning
-from popgrad_cli.config import register_configs, validate_config
 from popgrad_cli.data import DataSplits, load_splits
 from popgrad_cli.models import build_model
 from popgrad_cli.population import build_estimator
+
+from bench_common import compose_config, load_average, prepare_hydra, resolve_device, synchronize
 from popgrad_cli.train import SignalGuard, Trainer, seed_everything
 
 DEFAULT_RAW_DIR = Path("/usr/share/datasets/fashion-mnist")
@@ -97,19 +95,6 @@ class Timing:
     def ratio(self) -> float:
         return statistics.median(self.product) / statistics.median(self.bare)
 
-
-def synchronize(device: torch.device) -> None:
-    # NOTE: this script has run on CPUs only so far; its CUDA path is untested.
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def compose_config(overrides: Sequence[str]):
-    """Compose conf/config.yaml with `overrides`, as `popgrad train` would, and validate it."""
-    with initialize_config_dir(config_dir=str(conf_dir()), version_base="1.3"):
-        cfg = compose(config_name="config", overrides=list(overrides))
-    validate_config(cfg)
-    return cfg
 
 
 def has_fashion_mnist(raw_dir: Path) -> bool:
@@ -247,16 +232,6 @@ def format_table(rows: List[Dict[str, object]]) -> str:
     return "\n".join("  ".join(cell.rjust(width) for cell, width in zip(line, widths)) for line in lines)
 
 
-def load_average() -> str:
-    return " ".join(f"{value:.2f}" for value in os.getloadavg())
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name == "cuda" and not torch.cuda.is_available():
-        raise SystemExit("--device cuda: no CUDA device is available; use --device cpu or --device auto")
-    return torch.device(name)
 
 
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
@@ -296,9 +271,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         # make small steps many times slower (an mlp step took 13 ms on one thread and
         # 140 ms on two, on 2 busy cores). One thread keeps a smoke test short.
         torch.set_num_threads(1)
-    register_configs()
-    register_resolvers()
-    silence_launcher_schema_warning()
+    prepare_hydra()
 
     with tempfile.TemporaryDirectory(prefix="popgrad-bench-") as scratch:
         scratch_dir = Path(scratch)
