@@ -15,8 +15,8 @@ from popgrad_cli.errors import EXIT_DATA_ERROR, EXIT_FAILED, EXIT_INTERRUPTED, E
 
 log = logging.getLogger("popgrad_cli")
 
-# Longest override string kept verbatim in a run folder's name; longer ones are
-# cut and given a hash so that two different sweeps never share a folder name.
+# Maximum length of the override string kept verbatim in a run folder's name.
+# Longer ones are cut and given a hash, so two different sweeps never share a folder name.
 MAX_FOLDER_OVERRIDES = 80
 
 USAGE = """popgrad <command> [arguments]

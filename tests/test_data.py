@@ -80,7 +80,8 @@ def test_digits_shapes_and_types(tmp_path):
         assert images.dtype == torch.uint8
     for labels in (splits.train_labels, splits.val_labels, splits.test_labels):
         assert labels.dtype == torch.int64
-    assert int(splits.train_images.max()) == 255 and int(splits.train_images.min()) == 0
+    assert int(splits.train_images.max()) == 255
+    assert int(splits.train_images.min()) == 0
     assert set(splits.test_labels.tolist()) == set(range(10))
     assert (tmp_path / "popgrad-cache" / "digits" / "train.pt").is_file()
 
@@ -103,10 +104,12 @@ def test_digits_split_is_seeded(tmp_path):
     a = data.load_splits(cfg, dcfg, seed=1)
     b = data.load_splits(cfg, dcfg, seed=1)
     c = data.load_splits(cfg, dcfg, seed=2)
-    assert torch.equal(a.val_images, b.val_images) and torch.equal(a.train_labels, b.train_labels)
+    assert torch.equal(a.val_images, b.val_images)
+    assert torch.equal(a.train_labels, b.train_labels)
     assert not torch.equal(a.val_images, c.val_images)
     # the digits test split is fixed, independent of the run seed
-    assert torch.equal(a.test_images, c.test_images) and torch.equal(a.test_labels, c.test_labels)
+    assert torch.equal(a.test_images, c.test_images)
+    assert torch.equal(a.test_labels, c.test_labels)
 
 
 def test_digits_test_split_is_fixed_forever():
@@ -131,7 +134,8 @@ def test_digits_train_size_subsample(tmp_path):
     splits = data.load_splits(dataset_cfg("digits", train_size=500), dcfg, seed=0)
     assert splits.train_images.shape == (500, 1, 8, 8)
     counts = torch.bincount(splits.train_labels, minlength=10)
-    assert int(counts.min()) >= 48 and int(counts.max()) <= 52  # stratified: about 50 per class
+    assert int(counts.min()) >= 48
+    assert int(counts.max()) <= 52  # stratified: about 50 per class
     again = data.load_splits(dataset_cfg("digits", train_size=500), dcfg, seed=0)
     assert torch.equal(splits.train_images, again.train_images)
     other = data.load_splits(dataset_cfg("digits", train_size=500), dcfg, seed=1)
@@ -148,14 +152,18 @@ def test_train_size_larger_than_available_is_an_error(tmp_path):
     with pytest.raises(data.DataError) as info:
         data.load_splits(dataset_cfg("digits", train_size=5000), data_cfg(tmp_path), seed=0)
     message = str(info.value)
-    assert "dataset.train_size=5000" in message and "1294" in message and "digits" in message
+    assert "dataset.train_size=5000" in message
+    assert "1294" in message
+    assert "digits" in message
 
 
 def test_val_fraction_zero_gives_empty_split(tmp_path):
     splits = data.load_splits(dataset_cfg("digits", val_fraction=0.0), data_cfg(tmp_path), seed=0)
     assert splits.train_images.shape == (1438, 1, 8, 8)
-    assert splits.val_images.shape == (0, 1, 8, 8) and splits.val_images.dtype == torch.uint8
-    assert splits.val_labels.shape == (0,) and splits.val_labels.dtype == torch.int64
+    assert splits.val_images.shape == (0, 1, 8, 8)
+    assert splits.val_images.dtype == torch.uint8
+    assert splits.val_labels.shape == (0,)
+    assert splits.val_labels.dtype == torch.int64
 
 
 def test_digits_yaml_normalisation_matches_the_data(tmp_path):
@@ -201,12 +209,14 @@ def test_fake_files_load_through_torchvision(name, tmp_path, no_checksums):
     full = data._load_full(spec, tmp_path)
     for split in ("train", "test"):
         images, labels = full[split]
-        assert images.dtype == torch.uint8 and labels.dtype == torch.int64
+        assert images.dtype == torch.uint8
+        assert labels.dtype == torch.int64
         assert tuple(images.shape[1:]) == spec.input_shape
         assert torch.equal(images, torch.from_numpy(written[split][0]))
         assert torch.equal(labels, torch.from_numpy(written[split][1]))
     splits = data.load_splits(dataset_cfg(name, val_fraction=0.25), data_cfg(tmp_path), seed=0)
-    assert splits.input_shape == spec.input_shape and splits.num_classes == spec.num_classes
+    assert splits.input_shape == spec.input_shape
+    assert splits.num_classes == spec.num_classes
     n_train = len(written["train"][1])
     assert len(splits.val_labels) == int(np.ceil(0.25 * n_train))
     assert len(splits.train_labels) + len(splits.val_labels) == n_train
@@ -229,7 +239,8 @@ def test_raw_dir_is_read_and_cached_separately(tmp_path, no_checksums):
     assert torch.equal(via_raw.test_images.squeeze(1), torch.from_numpy(from_raw["test"][0][:, 0]))
     assert torch.equal(via_root.test_images.squeeze(1), torch.from_numpy(from_root["test"][0][:, 0]))
     caches = sorted(p.name for p in (root / "popgrad-cache").iterdir())
-    assert caches[0] == "fashion_mnist" and re.fullmatch(r"fashion_mnist-rawdir-[0-9a-f]{10}", caches[1])
+    assert caches[0] == "fashion_mnist"
+    assert re.fullmatch(r"fashion_mnist-rawdir-[0-9a-f]{10}", caches[1])
     assert data.cache_dir_for("fashion_mnist", root, raw) == root / "popgrad-cache" / caches[1]
     assert via_raw.source == str(raw.resolve())
     # nothing was written into raw_dir
@@ -293,7 +304,8 @@ def test_truncated_gz_is_rejected_without_leaving_a_cache(tmp_path, no_checksums
     victim.write_bytes(victim.read_bytes()[:-200])
     with pytest.raises(data.DataError) as info:
         data.load_splits(dataset_cfg("mnist"), data_cfg(tmp_path), seed=0)
-    assert str(victim) in str(info.value) and "truncated or corrupt" in str(info.value)
+    assert str(victim) in str(info.value)
+    assert "truncated or corrupt" in str(info.value)
     assert leftover_files(tmp_path / "popgrad-cache" / "mnist") == []
 
 
@@ -303,7 +315,8 @@ def test_undecodable_file_is_a_data_error(tmp_path, no_checksums):
     victim.write_bytes(victim.read_bytes()[:1000])
     with pytest.raises(data.DataError) as info:
         data.load_splits(dataset_cfg("cifar10"), data_cfg(tmp_path), seed=0)
-    assert str(victim) in str(info.value) and "could not decode" in str(info.value)
+    assert str(victim) in str(info.value)
+    assert "could not decode" in str(info.value)
     assert leftover_files(tmp_path / "popgrad-cache" / "cifar10") == []
 
 
